@@ -7,7 +7,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= INFO
 
-.PHONY: demo test lint install clean-demo
+.PHONY: demo test lint install clean-demo prefect-up prefect-down prefect-status
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,14 @@ test: $(STAMP) lint
 
 clean-demo:
 	rm -rf runs/demo
+
+# A local Prefect server (127.0.0.1, SQLite under .prefect/), the process work pool, every
+# deployment of prefect.yaml and a worker; `make prefect-down` stops them by PID.
+prefect-up: $(STAMP)
+	scripts/prefect-local start
+
+prefect-down:
+	scripts/prefect-local stop
+
+prefect-status:
+	scripts/prefect-local status
