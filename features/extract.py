@@ -18,6 +18,8 @@ docs/ARCHITECTURE.md ("Cache layout"); `features.cache.FeatureCache` reads it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import io
@@ -27,7 +29,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,11 +203,36 @@ def _write_bytes_atomic(path: str, data: bytes) -> None:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk must not keep the half-written temp file (and the space it holds).
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+# errnos that mean "the disk (or a quota, or RLIMIT_FSIZE) is full", not a bug: the user frees
+# space and reruns, which resumes from the shards already done.
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def _no_space_is_a_cache_error(out: str, what: str) -> Iterator[None]:
+    """Turn running out of space while writing `what` into one CacheError line."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _NO_SPACE_ERRNOS:
+            raise
+        raise CacheError(
+            f"{out}: no space left while writing {what}: {err.strerror or err}; "
+            "free space and rerun to resume"
+        ) from None
 
 
 def _write_parquet_atomic(path: str, table: pa.Table) -> None:
@@ -330,6 +357,20 @@ def _check_inputs(config: ExtractConfig) -> None:
         raise ConfigError("weights_file: given with weights 'random'; use weights 'imagenet'")
 
 
+def _check_writable(out: str) -> None:
+    """Refuse a local `out` that cannot be created or written (read-only mount, a file in the
+    way, no permission) before VGG is loaded or anything is written. URLs are not checked."""
+    if _is_url(out):
+        return
+    probe = Path(out).absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"out: {out}: cannot create it, {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"out: {out}: {probe} is not writable")
+
+
 def _identity(
     config: ExtractConfig, dataset: KarpathyDataset, dataset_sha256: str, weights: dict
 ) -> dict[str, Any]:
@@ -407,6 +448,8 @@ def plan_extraction(config: ExtractConfig | dict[str, Any]) -> ExtractionPlan:
     identity (dataset content, image_size, layer, global_mode, shard_size, weights) raises
     CacheMismatch naming the differing fields, unless config.overwrite (then it is replaced).
     """
+    config = _as_config(config)
+    _check_writable(config.out)
     config, dataset, weights, identity = _resolve(config)
     n = len(dataset.images)
     plan = ExtractionPlan(
@@ -437,25 +480,27 @@ def plan_extraction(config: ExtractConfig | dict[str, Any]) -> ExtractionPlan:
             _remove_cache(config.out)
         # Attributes go in with the group's own metadata (one write): a store that exists always
         # says what it holds. Arrays follow; a run killed in between recreates them on resume.
-        group = zarr.create_group(
-            plan.store,
-            attributes={
-                "schema_version": SCHEMA_VERSION,
-                "num_images": n,
-                "shard_size": config.shard_size,
-                "num_shards": plan.num_shards,
-                "grid": list(plan.grid),
-                "instance_dim": INSTANCE_DIM,
-                "global_dim": plan.global_dim,
-                "config": config.to_dict(),
-                "weights": weights,
-                "dataset": identity["dataset"],
-                "identity": identity,
-                "identity_hash": identity_hash(identity),
-                "versions": _versions(),
-            },
-        )
-    _create_arrays(group, plan)
+        with _no_space_is_a_cache_error(config.out, "the store metadata"):
+            group = zarr.create_group(
+                plan.store,
+                attributes={
+                    "schema_version": SCHEMA_VERSION,
+                    "num_images": n,
+                    "shard_size": config.shard_size,
+                    "num_shards": plan.num_shards,
+                    "grid": list(plan.grid),
+                    "instance_dim": INSTANCE_DIM,
+                    "global_dim": plan.global_dim,
+                    "config": config.to_dict(),
+                    "weights": weights,
+                    "dataset": identity["dataset"],
+                    "identity": identity,
+                    "identity_hash": identity_hash(identity),
+                    "versions": _versions(),
+                },
+            )
+    with _no_space_is_a_cache_error(config.out, "the store metadata"):
+        _create_arrays(group, plan)
     done = np.asarray(group["shard_done"][:])
     plan.todo = [int(k) for k in np.flatnonzero(done == 0)]
     return plan
@@ -591,15 +636,18 @@ def extract_shard(
             progress(done, n)
 
     # One write per array covering the whole shard region: a single, complete shard object.
-    group = zarr.open_group(plan.store, mode="r+")
-    group["instances"][rows.start : rows.stop] = instances
-    if plan.global_dim:
-        group["global"][rows.start : rows.stop] = global_
-    _write_parquet_atomic(
-        join(config.out, "shards", f"{shard_index}.parquet"),
-        pa.Table.from_pydict(status, schema=SHARD_SCHEMA),
-    )
-    group["shard_done"][shard_index] = 1  # last: the shard counts only once all of it is on disk
+    # Out of space anywhere here: the shard stays not done and a rerun writes it again.
+    with _no_space_is_a_cache_error(config.out, f"shard {shard_index}"):
+        group = zarr.open_group(plan.store, mode="r+")
+        group["instances"][rows.start : rows.stop] = instances
+        if plan.global_dim:
+            group["global"][rows.start : rows.stop] = global_
+        _write_parquet_atomic(
+            join(config.out, "shards", f"{shard_index}.parquet"),
+            pa.Table.from_pydict(status, schema=SHARD_SCHEMA),
+        )
+        # Last: the shard counts only once all of it is on disk.
+        group["shard_done"][shard_index] = 1
     return ShardResult(
         shard=shard_index,
         start=rows.start,
@@ -666,20 +714,21 @@ def finalize_extraction(plan: ExtractionPlan | ExtractConfig | dict[str, Any]) -
             captions["tokens"].append(list(caption.tokens))
 
     out = config.out
-    _write_parquet_atomic(
-        join(out, "manifest.parquet"), pa.Table.from_pydict(manifest, schema=MANIFEST_SCHEMA)
-    )
-    _write_parquet_atomic(
-        join(out, "captions.parquet"), pa.Table.from_pydict(captions, schema=CAPTIONS_SCHEMA)
-    )
-    _write_parquet_atomic(
-        join(out, "failures.parquet"), pa.Table.from_pydict(failures, schema=FAILURES_SCHEMA)
-    )
-    _write_bytes_atomic(
-        join(out, "extract_config.json"),
-        (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode(),
-    )
-    group.attrs.update({"config": config.to_dict()})  # the run that finished it
+    with _no_space_is_a_cache_error(out, "the cache tables"):
+        _write_parquet_atomic(
+            join(out, "manifest.parquet"), pa.Table.from_pydict(manifest, schema=MANIFEST_SCHEMA)
+        )
+        _write_parquet_atomic(
+            join(out, "captions.parquet"), pa.Table.from_pydict(captions, schema=CAPTIONS_SCHEMA)
+        )
+        _write_parquet_atomic(
+            join(out, "failures.parquet"), pa.Table.from_pydict(failures, schema=FAILURES_SCHEMA)
+        )
+        _write_bytes_atomic(
+            join(out, "extract_config.json"),
+            (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode(),
+        )
+        group.attrs.update({"config": config.to_dict()})  # the run that finished it
     return out if _is_url(out) else Path(out)
 
 
