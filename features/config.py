@@ -13,6 +13,7 @@ dataset's content hash and the weights' sha256, so moving files around does not 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from features.errors import ConfigError
 
-__all__ = ["CACHE_FIELDS", "RUNTIME_FIELDS", "ExtractConfig", "format_validation_error"]
+__all__ = [
+    "CACHE_FIELDS",
+    "RUNTIME_FIELDS",
+    "ExtractConfig",
+    "check_writable",
+    "format_validation_error",
+    "read_config_json",
+]
 
 # Config fields that change the cache's contents (with the dataset hash and weights identity).
 CACHE_FIELDS = ("image_size", "layer", "global_mode", "shard_size")
@@ -78,13 +86,7 @@ class ExtractConfig(BaseModel):
     @classmethod
     def from_json(cls, path: str | Path) -> ExtractConfig:
         """Read a config saved as JSON (e.g. a cache's extract_config.json)."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (what is saved in the cache)."""
@@ -113,3 +115,26 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     message = message.removeprefix("Value error, ")
     extra = f" (and {len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
     return f"{source}: {field}: {message}{extra}"
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """A stage config saved as a JSON object; ConfigError (one line) when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def check_writable(out: str | Path) -> None:
+    """Refuse an output directory that cannot be created or written (read-only mount, a file
+    in the way, no permission) before any work: ConfigError naming `out` and the culprit."""
+    probe = Path(out).absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"out: {out}: cannot create it, {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"out: {out}: {probe} is not writable")

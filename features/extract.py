@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 
 from features.backbone import FeatureExtractor, grid_size, load_vgg19, pick_device
 from features.cache import SCHEMA_VERSION, STORE_NAME, identity_hash, join
-from features.config import ExtractConfig
+from features.config import ExtractConfig, check_writable
 from features.dataset import KarpathyDataset, load_karpathy
 from features.errors import CacheError, CacheMismatch, ConfigError
 from features.images import ImageFolderDataset, collate_images
@@ -358,17 +358,9 @@ def _check_inputs(config: ExtractConfig) -> None:
 
 
 def _check_writable(out: str) -> None:
-    """Refuse a local `out` that cannot be created or written (read-only mount, a file in the
-    way, no permission) before VGG is loaded or anything is written. URLs are not checked."""
-    if _is_url(out):
-        return
-    probe = Path(out).absolute()
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"out: {out}: cannot create it, {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"out: {out}: {probe} is not writable")
+    """Local `out` must be creatable and writable before VGG is loaded; URLs are not checked."""
+    if not _is_url(out):
+        check_writable(out)
 
 
 def _identity(

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from features.backbone import pick_device
 from features.cache import FeatureCache
-from features.config import format_validation_error
+from features.config import check_writable, format_validation_error
 from features.errors import CacheMismatch, CheckpointError, ConfigError, InputError
 from smlstm import metrics as retrieval
 from smlstm.checkpoint import load_checkpoint, model_from_checkpoint
@@ -54,6 +54,7 @@ from smlstm.model import SMLSTM
 from smlstm.reports import (
     RunMeta,
     config_hash,
+    fsync_dir,
     metrics_frame,
     new_run_id,
     print_metrics,
@@ -195,18 +196,6 @@ def check_cache_identity(ckpt: dict[str, Any], cache: FeatureCache, source: str)
         )
 
 
-def _check_writable(out: Path) -> None:
-    """Refuse a reports directory that cannot be created or written, before any work."""
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"out: {out}: cannot create it, {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"out: {out}: {probe} is not writable")
-
 
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes (the checkpoint's identity in reports)."""
@@ -265,7 +254,7 @@ def prepare_evaluation(config: EvalConfig | dict[str, Any]) -> PreparedEvaluatio
     file is written."""
     config = _as_config(config)
     out = Path(config.out)
-    _check_writable(out)
+    check_writable(out)
     device = pick_device(config.device)
     ckpt = load_checkpoint(config.checkpoint)
     cache = FeatureCache.open(config.cache)
@@ -285,23 +274,13 @@ def prepare_evaluation(config: EvalConfig | dict[str, Any]) -> PreparedEvaluatio
 # score files
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _publish_dir(tmp: Path, final: Path) -> None:
     """Rename a finished hidden directory into place; never replaces an existing one."""
     if final.exists():
         raise FileExistsError(f"{final}: already exists; use a new run id")
     os.rename(tmp, final)  # atomic; a concurrent writer of the same name makes it fail
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _hidden_tmp(final: Path) -> Path:
@@ -611,7 +590,7 @@ def ensemble(
     if len(score_paths) < 2:
         raise ConfigError(f"ensemble: expected at least 2 score files, got {len(score_paths)}")
     out = Path(out)
-    _check_writable(out)
+    check_writable(out)
     run_id = run_id or new_run_id()
     if not _RUN_ID_RE.match(run_id):
         raise ConfigError(f"run_id: expected letters, digits, '.', '_' or '-', got {run_id!r}")

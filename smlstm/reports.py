@@ -350,7 +350,7 @@ def _conform(df: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
 # writing and reading
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make a rename/link durable (no-op where directories cannot be opened, e.g. Windows)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -385,7 +385,7 @@ def _atomic_replace(final: Path, write: Callable[[io.BufferedWriter], None]) -> 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _write_temp(final, write)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 
@@ -446,7 +446,7 @@ def write_table(
             os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     return final
 
 

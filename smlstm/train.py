@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 
 from features.backbone import pick_device
 from features.cache import FeatureCache
-from features.config import format_validation_error
+from features.config import check_writable, format_validation_error, read_config_json
 from features.errors import CacheMismatch, CheckpointError, ConfigError, InputError
 from smlstm.checkpoint import FORMAT, load_checkpoint, save_checkpoint, vocab_record
 from smlstm.data import ShardBlockBatchSampler, TrainingSet, split_token_lists
@@ -174,13 +174,7 @@ def validate_config(raw: TrainConfig | dict[str, Any], source: str = "train conf
 
 
 def _load_config_file(path: str | Path) -> TrainConfig:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: cannot read config: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return validate_config(data, source=str(path))
+    return validate_config(read_config_json(path), source=str(path))
 
 
 @dataclass
@@ -212,7 +206,7 @@ def prepare(raw: TrainConfig | dict[str, Any]) -> Prepared:
         raise ConfigError(f"{config.cache}: the cache has no good val images to validate on")
     run_dir = Path(config.out)
     latest = _checkpoint_path(run_dir)
-    _check_writable(run_dir)
+    check_writable(run_dir)
 
     if not config.resume:
         if latest.exists():
@@ -252,16 +246,6 @@ def prepare(raw: TrainConfig | dict[str, Any]) -> Prepared:
         raise CheckpointError(f"{latest}: model_config: differs from this run's model config")
     return Prepared(config, cache, vocab, model_config, ckpt)
 
-
-def _check_writable(out: Path) -> None:
-    """Refuse a run directory that cannot be created or written, before any work."""
-    probe = out.absolute()
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"out: {out}: cannot create it, {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"out: {out}: {probe} is not writable")
 
 
 def training_complete(config: TrainConfig | dict[str, Any]) -> bool:

@@ -7,28 +7,18 @@ plain strings checked by the config, so a bad value gives the same one-line `err
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import typer
 
-from features.errors import ConfigError, InputError
+from features.config import read_config_json
+from features.errors import InputError
 
 
 def _fail(err: InputError) -> typer.Exit:
     typer.echo(f"error: {err}", err=True)
     return typer.Exit(2)
 
-
-def _read_config(path: str) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: cannot read config: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
 
 
 def train(
@@ -54,7 +44,7 @@ def train(
     from smlstm.train import train as run_training  # torch loads only when the command runs
 
     try:
-        fields: dict[str, Any] = _read_config(config) if config else {}
+        fields: dict[str, Any] = read_config_json(config) if config else {}
         flags = {"cache": cache, "out": out, "preset": preset, "epochs": epochs,
                  "batch_size": batch_size, "lr": lr, "max_steps": max_steps,
                  "workers": workers, "seed": seed, "device": device}
