@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from features.errors import InputError
 from features.shapes import make_shapes
 from flows.pipeline import pipeline
@@ -26,7 +24,7 @@ from smlstm.reports import print_metrics, read_table
 DEFAULTS = {"images": 600, "size": 128, "epochs": 12, "seed": 0}
 
 
-def demo_parameters(out: Path, images: int, size: int, epochs: int, seed: int) -> dict:
+def demo_parameters(out: Path, size: int, epochs: int, seed: int) -> dict:
     """The pipeline parameters of the demo: small enough for 2 CPU cores."""
     data = out / "data"
     return {
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         data = out / "data"
         if not (data / "dataset.json").exists():
             make_shapes(data, images=args.images, seed=args.seed, size=args.size)
-        params = demo_parameters(out, args.images, args.size, args.epochs, args.seed)
+        params = demo_parameters(out, args.size, args.epochs, args.seed)
         result = pipeline(**params)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -87,5 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    pd.set_option("display.width", 120)
     sys.exit(main())

@@ -13,6 +13,7 @@ one-line message and no output. Paths: `<workdir>/cache`, `<workdir>/run`, `<wor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ from flows.evaluate import evaluate_retrieval
 from flows.extract import extract_features
 from flows.train import train_smlstm
 from smlstm.evaluate import EvalConfig, evaluation_complete
-from smlstm.train import training_complete, validate_config
+from smlstm.train import TrainConfig, training_complete, validate_config
 
 __all__ = ["PipelineConfigs", "pipeline", "resolve_configs"]
 
@@ -35,16 +36,15 @@ EXTRACT_FLOW_OPTIONS = ("dask_address", "local_cluster_workers")
 TRAIN_FLOW_OPTIONS = ("gpus",)
 
 
+@dataclass(frozen=True)
 class PipelineConfigs:
     """The three validated stage configs of one pipeline run, plus each flow's extra options."""
 
-    def __init__(self, extract: ExtractConfig, train: Any, evaluate: EvalConfig,
-                 extract_options: dict[str, Any], train_options: dict[str, Any]):
-        self.extract = extract
-        self.train = train
-        self.evaluate = evaluate
-        self.extract_options = extract_options
-        self.train_options = train_options
+    extract: ExtractConfig
+    train: TrainConfig
+    evaluate: EvalConfig
+    extract_options: dict[str, Any]
+    train_options: dict[str, Any]
 
 
 def _split_options(options: dict[str, Any], flow_only: tuple[str, ...]):
