@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=7,
                         help="alternate the two modes this many times; report the medians")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of the training process (0: cores - workers)")
