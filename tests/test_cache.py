@@ -11,28 +11,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from helpers import tiny_extract_config as _config
 from torch.utils.data import DataLoader, Dataset
 
 from features.cache import FeatureCache, identity_hash
-from features.config import ExtractConfig
 from features.errors import CacheError, CacheMismatch
 from features.extract import plan_extraction, run_extraction
 from features.shapes import make_shapes
-
-
-def _config(data: Path, out: Path, **overrides) -> ExtractConfig:
-    fields = dict(
-        dataset=str(data / "dataset.json"),
-        images=str(data),
-        out=str(out),
-        weights="random",
-        image_size=64,
-        shard_size=4,
-        batch_size=4,
-        workers=0,
-        device="cpu",
-    )
-    return ExtractConfig(**{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from helpers import tiny_extract_config
 from typer.testing import CliRunner
 
 from features.backbone import FeatureExtractor, load_vgg19
@@ -43,20 +44,8 @@ BATCH = 4
 
 
 def _config(data: Path, out: Path, **overrides) -> ExtractConfig:
-    fields = dict(
-        dataset=str(data / "dataset.json"),
-        images=str(data),
-        out=str(out),
-        weights="random",
-        seed=0,
-        image_size=64,
-        shard_size=SHARD,
-        batch_size=BATCH,
-        workers=1,
-        device="cpu",
-    )
-    fields.update(overrides)
-    return ExtractConfig(**fields)
+    fields = {"shard_size": SHARD, "batch_size": BATCH, "workers": 1, **overrides}
+    return tiny_extract_config(data, out, **fields)
 
 
 @pytest.fixture(scope="module")

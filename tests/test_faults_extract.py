@@ -35,6 +35,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from helpers import tiny_extract_config
 from typer.testing import CliRunner
 
 from features.cache import FeatureCache
@@ -54,19 +55,8 @@ TEMP_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$|\.tmp-\d+$")
 
 
 def _config(data: Path, out: Path, **overrides) -> ExtractConfig:
-    fields = dict(
-        dataset=str(data / "dataset.json"),
-        images=str(data),
-        out=str(out),
-        weights="random",
-        seed=0,
-        image_size=64,
-        shard_size=SHARD,
-        batch_size=BATCH,
-        workers=0,  # decode in the process itself: a kill then stops all of the run
-        device="cpu",
-    )
-    return ExtractConfig(**{**fields, **overrides})
+    # workers=0: decode in the process itself, so a kill stops all of the run
+    return tiny_extract_config(data, out, shard_size=SHARD, batch_size=BATCH, **overrides)
 
 
 @pytest.fixture(scope="module", autouse=True)

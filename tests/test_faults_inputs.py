@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import tiny_extract_config
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
@@ -57,18 +58,7 @@ def shapes(tmp_path_factory) -> Path:
 
 
 def _config(dataset: Path, images: Path, out: Path, **overrides) -> ExtractConfig:
-    fields = dict(
-        dataset=str(dataset),
-        images=str(images),
-        out=str(out),
-        weights="random",
-        image_size=64,
-        shard_size=SHARD,
-        batch_size=4,
-        workers=0,
-        device="cpu",
-    )
-    return ExtractConfig(**{**fields, **overrides})
+    return tiny_extract_config(images, out, dataset=str(dataset), shard_size=SHARD, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
