@@ -52,6 +52,15 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        # A full disk or a file-size limit: torch reports it as a RuntimeError from its zip
+        # writer ("unexpected pos"), the OS as ENOSPC/EFBIG. The previous checkpoint is intact.
+        Path(tmp).unlink(missing_ok=True)
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        raise CheckpointError(
+            f"{path}: cannot write the checkpoint ({reason}); the previous one is intact: "
+            "free space and rerun with --resume"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -571,3 +571,27 @@ def test_reliability_table_names_only_existing_tests():
     for file, name in named:
         assert (ROOT / file).is_file(), file
         assert name in _defined_tests(ROOT / file), f"{file}::{name} does not exist"
+
+
+def test_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_previous_one(tmp_path):
+    """A full disk while writing latest.pt: CheckpointError in one line, no temp file left,
+    the previous checkpoint still loads (training then resumes from it once space is freed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        path = disk / "checkpoints" / "latest.pt"
+        small = {"format": "smlstm-checkpoint/1", "step": 1, "weights": torch.zeros(1000)}
+        save_checkpoint(small, path)
+        too_big = {"format": "smlstm-checkpoint/1", "step": 2, "weights": torch.zeros(400_000)}
+        with pytest.raises(CheckpointError) as raised:
+            save_checkpoint(too_big, path)
+        message = str(raised.value)
+        assert "\n" not in message and str(path) in message and "--resume" in message
+        assert sorted(p.name for p in path.parent.iterdir()) == ["latest.pt"]
+        assert torch.load(path, weights_only=True)["step"] == 1  # the previous one, whole
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
