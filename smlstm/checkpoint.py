@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -55,11 +56,12 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     except (OSError, RuntimeError) as err:
         # A full disk or a file-size limit: torch reports it as a RuntimeError from its zip
         # writer ("unexpected pos"), the OS as ENOSPC/EFBIG. The previous checkpoint is intact.
+        free = shutil.disk_usage(path.parent).free  # before the temp file gives its space back
         Path(tmp).unlink(missing_ok=True)
-        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        reason = getattr(err, "strerror", None) or "the write failed"
         raise CheckpointError(
-            f"{path}: cannot write the checkpoint ({reason}); the previous one is intact: "
-            "free space and rerun with --resume"
+            f"{path}: cannot write the checkpoint ({reason}; {free // 1024} KiB free on its "
+            "disk); the previous one is intact: free space and rerun with --resume"
         ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
