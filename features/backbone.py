@@ -68,7 +68,8 @@ def state_dict_sha256(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -187,7 +188,7 @@ def load_vgg19(
     model.load_state_dict(state_dict, assign=True)
     _freeze(model)
 
-    genuine = _file_sha256(path).startswith(_WEIGHTS_FILE_SHA256_PREFIX)
+    genuine = file_sha256(path).startswith(_WEIGHTS_FILE_SHA256_PREFIX)
     identity = {
         "name": "imagenet" if genuine else "file",
         "seed": None,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -41,7 +40,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from features.backbone import FeatureExtractor, grid_size, load_vgg19, pick_device
+from features.backbone import FeatureExtractor, file_sha256, grid_size, load_vgg19, pick_device
 from features.cache import SCHEMA_VERSION, STORE_NAME, identity_hash, join
 from features.config import ExtractConfig, check_writable
 from features.dataset import KarpathyDataset, load_karpathy
@@ -262,14 +261,6 @@ def _remove_cache(out: str) -> None:
             os.remove(path)
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     def version(package: str) -> str:
         try:
@@ -297,7 +288,7 @@ def _load_dataset(path: str) -> tuple[KarpathyDataset, str]:
         # Extraction needs no particular split: a test-only set is a valid thing to extract.
         dataset = load_karpathy(path, required_splits=())
         _DATASETS.clear()  # keep one: a worker serves one dataset at a time
-        _DATASETS[key] = (dataset, _file_sha256(path))
+        _DATASETS[key] = (dataset, file_sha256(path))
     return _DATASETS[key]
 
 

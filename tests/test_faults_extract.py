@@ -59,17 +59,7 @@ def _config(data: Path, out: Path, **overrides) -> ExtractConfig:
     return tiny_extract_config(data, out, shard_size=SHARD, batch_size=BATCH, **overrides)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Compute with one thread here and in every fork.
-
-    A fork of a process whose OpenMP pool has run hangs in its first parallel region unless it
-    uses one thread; using one thread in the parent too keeps every run on the same kernels.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,14 +40,7 @@ SHARD = 4
 FORK = multiprocessing.get_context("fork")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread here and in the fork below (a fork of a process whose OpenMP pool has run
-    hangs otherwise), so both runs use the same kernels and compare bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,14 +43,7 @@ FORK = multiprocessing.get_context("fork")
 TINY_MODEL = {"embed_dim": 16, "text_hidden": 16, "joint_dim": 16, "attn_dim": 8, "lstm_hidden": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread here and in every fork: a fork of a process whose OpenMP pool has run hangs
-    otherwise, and the same kernels everywhere make resumed runs comparable bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train_config(world: dict, out: Path, **overrides) -> dict:
