@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -25,6 +25,7 @@ __all__ = [
     "CACHE_FIELDS",
     "RUNTIME_FIELDS",
     "ExtractConfig",
+    "StageConfig",
     "check_writable",
     "format_validation_error",
     "read_config_json",
@@ -36,10 +37,31 @@ CACHE_FIELDS = ("image_size", "layer", "global_mode", "shard_size")
 RUNTIME_FIELDS = ("workers", "batch_size", "device", "overwrite")
 
 
-class ExtractConfig(BaseModel):
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown fields refused, one-line errors, JSON-ready dump."""
+
+    model_config = ConfigDict(extra="forbid")
+    source_name: ClassVar[str] = "config"  # what errors are prefixed with when no source is given
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> Self:
+        """Validate a dict; a problem raises ConfigError "<source>: <field>: <what is wrong>"."""
+        source = source or cls.source_name
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, source)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (what is saved beside the stage's outputs)."""
+        return self.model_dump(mode="json")
+
+
+class ExtractConfig(StageConfig):
     """Everything stage 1 needs; saved in the cache as `extract_config.json` and in its attrs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    source_name: ClassVar[str] = "extract config"
 
     dataset: str = Field(description="Karpathy-split JSON file")
     images: str = Field(description="image root directory; relpaths of the JSON are joined to it")
@@ -76,21 +98,9 @@ class ExtractConfig(BaseModel):
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "extract config") -> ExtractConfig:
-        """Validate a dict; a problem raises ConfigError "<source>: <field>: <what is wrong>"."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, source)) from None
-
-    @classmethod
     def from_json(cls, path: str | Path) -> ExtractConfig:
         """Read a config saved as JSON (e.g. a cache's extract_config.json)."""
         return cls.from_dict(read_config_json(path), source=str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field (what is saved in the cache)."""
-        return self.model_dump(mode="json")
 
     def cache_fields(self) -> dict[str, Any]:
         """The config fields that define the cache's contents (see CACHE_FIELDS)."""

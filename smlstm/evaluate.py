@@ -35,17 +35,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import zarr
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from features.backbone import pick_device
 from features.cache import FeatureCache
-from features.config import check_writable, format_validation_error
+from features.config import StageConfig, check_writable
 from features.errors import CacheMismatch, CheckpointError, ConfigError, InputError
 from smlstm import metrics as retrieval
 from smlstm.checkpoint import load_checkpoint, model_from_checkpoint
@@ -89,10 +89,11 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # the rule of smlstm.r
 # config
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(StageConfig):
     """Everything stage 3 needs. `out` is the reports directory (shared by many runs)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    source_name: ClassVar[str] = "evaluate config"
 
     checkpoint: str = Field(description="a checkpoint file (e.g. <run>/checkpoints/best.pt)")
     cache: str = Field(description="the feature cache the checkpoint was trained on")
@@ -128,17 +129,6 @@ class EvalConfig(BaseModel):
             raise ValueError(f"expected letters, digits, '.', '_' or '-', got {value!r}")
         return value
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "evaluate config") -> EvalConfig:
-        """Validate a dict; ConfigError "<source>: <field>: <problem>" (one line) otherwise."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, source)) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field."""
-        return self.model_dump(mode="json")
 
 
 def _as_config(config: EvalConfig | dict[str, Any]) -> EvalConfig:

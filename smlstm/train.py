@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -42,13 +42,18 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from features.backbone import pick_device
 from features.cache import FeatureCache
-from features.config import check_writable, format_validation_error, read_config_json
+from features.config import (
+    StageConfig,
+    check_writable,
+    format_validation_error,
+    read_config_json,
+)
 from features.errors import CacheMismatch, CheckpointError, ConfigError, InputError
 from smlstm.checkpoint import FORMAT, load_checkpoint, save_checkpoint, vocab_record
 from smlstm.data import ShardBlockBatchSampler, TrainingSet, split_token_lists
@@ -71,10 +76,11 @@ RESUME_FIXED_FIELDS = (
 CACHE_SET_FIELDS = ("vocab_size", "instance_dim", "global_dim")  # taken from cache / vocab
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(StageConfig):
     """Everything stage 2 needs; saved as `<out>/train_config.json` and in each checkpoint."""
 
     model_config = ConfigDict(extra="forbid")
+    source_name: ClassVar[str] = "train config"
 
     cache: str = Field(description="feature cache directory (stage 1 output)")
     out: str = Field(description="run directory")
@@ -128,10 +134,6 @@ class TrainConfig(BaseModel):
         build = ModelConfig.small if self.preset == "small" else ModelConfig.paper
         return build(vocab_size, **{**dims, **self.model})
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field."""
-        return self.model_dump(mode="json")
-
 
 @dataclass
 class TrainSummary:
@@ -160,10 +162,7 @@ def validate_config(raw: TrainConfig | dict[str, Any], source: str = "train conf
     """
     if isinstance(raw, TrainConfig):
         raw = raw.to_dict()
-    try:
-        config = TrainConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+    config = TrainConfig.from_dict(raw, source)
     try:
         config.model_config_for(vocab_size=2)
     except ValidationError as err:
